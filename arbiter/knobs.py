@@ -36,9 +36,9 @@ class KnobNotSupported(NotImplementedError):
 
 
 def _knob(default, meaning: str, choices: tuple | None = None, kind: str = "choice", scope: str = "numeric"):
-    """scope: 'numeric' knobs show in stages that use transferred weights; 'from-scratch'
-    knobs (initialisers, shuffling) only matter when training starts from the framework's
-    own initialisation."""
+    """scope: 'numeric' knobs can show in the numerical stages, which run on transferred
+    weights and fixed batches; 'training' knobs (initialisers, shuffling, training-time
+    augmentation) only act in a training run, so triangulation lists them as not testable."""
     return field(default=default, metadata={"meaning": meaning, "choices": choices, "kind": kind, "scope": scope})
 
 
@@ -56,7 +56,9 @@ class Knobs:
     grayscale_rounding: str = _knob(
         "float", "'float': gray computed in float; 'uint8': rounded to uint8 first, as PIL's convert('L')", ("float", "uint8")
     )
-    train_augmentation: str = _knob("none", "training augmentation: 'none' or 'hflip' (random horizontal flip)", ("none", "hflip"))
+    train_augmentation: str = _knob(
+        "none", "training augmentation: 'none' or 'hflip' (random horizontal flip)", ("none", "hflip"), scope="training"
+    )
     eval_augmentation: bool = _knob(False, "apply the training augmentation at evaluation too (a classic port bug)", kind="bool")
     # --- Gabor front end --------------------------------------------------------------
     gabor_normalization: str = _knob("l2", "Gabor kernels divided by their L2 norm ('l2') or not ('none')", ("l2", "none"))
@@ -82,10 +84,10 @@ class Knobs:
         "glorot_uniform",
         "conv/dense kernel initialiser",
         ("glorot_uniform", "kaiming_uniform_a_sqrt5", "lecun_normal", "he_normal"),
-        scope="from-scratch",
+        scope="training",
     )
     bias_init: str = _knob(
-        "zeros", "dense bias initialiser: 'zeros' or 'fan_in_uniform' U(+-1/sqrt(fan_in)) (PyTorch)", ("zeros", "fan_in_uniform"), scope="from-scratch"
+        "zeros", "dense bias initialiser: 'zeros' or 'fan_in_uniform' U(+-1/sqrt(fan_in)) (PyTorch)", ("zeros", "fan_in_uniform"), scope="training"
     )
     # --- loss and optimiser ---------------------------------------------------------
     loss: str = _knob(
@@ -117,7 +119,7 @@ class Knobs:
         "shared",
         "batch order: 'shared' (one numpy permutation per epoch handed to every framework) or 'framework' (its own shuffling)",
         ("shared", "framework"),
-        scope="from-scratch",
+        scope="training",
     )
 
     def __post_init__(self):

@@ -13,6 +13,7 @@ from numpy.lib.stride_tricks import sliding_window_view
 from arbiter.knobs import Knobs
 from arbiter.padding import conv_padding
 from arbiter.spec import ModelSpec, bn_name, conv_stride
+from arbiter.weights import probe_weights as random_weights  # noqa: F401  (canonical weights for tests)
 
 
 def conv2d(x: np.ndarray, kernel: np.ndarray, stride: int, padding_mode: str) -> np.ndarray:
@@ -65,26 +66,6 @@ def forward(spec: ModelSpec, knobs: Knobs, weights: dict, bank: np.ndarray, x: n
     pooled = out["pool"] = h.mean(axis=(1, 2))
     out["logits"] = pooled @ w["head.kernel"] + w["head.bias"]
     return out
-
-
-def random_weights(spec: ModelSpec, seed: int = 0) -> dict[str, np.ndarray]:
-    """Canonical weights with non-trivial BN statistics, so eval mode tests something."""
-    from arbiter.spec import weight_shapes
-
-    rng = np.random.default_rng(seed)
-    weights = {}
-    for name, shape in weight_shapes(spec).items():
-        if name.endswith(".var"):
-            a = rng.uniform(0.5, 1.5, shape)
-        elif name.endswith(".scale"):
-            a = rng.uniform(0.8, 1.2, shape)
-        elif name.endswith(".mean") or name.endswith(".bias"):
-            a = rng.normal(0, 0.1, shape)
-        else:
-            fan_in = int(np.prod(shape[:-1]))
-            a = rng.normal(0, np.sqrt(2.0 / fan_in), shape)
-        weights[name] = a.astype(np.float32)
-    return weights
 
 
 def preprocess(images: np.ndarray, knobs: Knobs) -> np.ndarray:
