@@ -23,6 +23,10 @@ COMMANDS = (
     "arbiter.commands.data",
     "arbiter.commands.triangulate",
     "arbiter.commands.selftest",
+    "arbiter.commands.train",
+    "arbiter.commands.compare",
+    "arbiter.commands.ablate",
+    "arbiter.commands.runs",
 )
 
 EXIT_USAGE = 2

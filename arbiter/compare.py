@@ -30,29 +30,47 @@ class PairError:
     max_abs: float
     max_rel: float  # max |a-b| / max(|a|, |b|) over elements where that is non-zero
     excess: float  # max |a-b| / (atol + rtol * max(|a|,|b|)); <= 1 means within tolerance
+    excluded: int = 0  # elements left out because their gradient is round-off (see roundoff_mask)
 
     @property
     def agree(self) -> bool:
         return self.excess <= 1.0
 
     def to_dict(self) -> dict:
-        return {"max_abs": self.max_abs, "max_rel": self.max_rel, "excess": self.excess, "agree": self.agree}
+        return {"max_abs": self.max_abs, "max_rel": self.max_rel, "excess": self.excess, "agree": self.agree, "excluded": self.excluded}
 
 
-def pair_error(a: np.ndarray, b: np.ndarray, tol: Tolerance) -> PairError:
+# Two frameworks' gradients that differ by more than this fraction of their size are
+# round-off, not signal: Adam's first steps (m_hat / sqrt(v_hat) ~ sign(g)) turn such noise
+# into updates of up to +-lr, so those elements are excluded from the step comparisons and
+# counted instead.
+ROUNDOFF_RELATIVE = 1e-3
+
+
+def roundoff_mask(grad_a: np.ndarray, grad_b: np.ndarray) -> np.ndarray:
+    """True where the two gradients disagree by more than ROUNDOFF_RELATIVE of their size."""
+    ga, gb = np.asarray(grad_a, np.float64), np.asarray(grad_b, np.float64)
+    return np.abs(ga - gb) > ROUNDOFF_RELATIVE * np.maximum(np.abs(ga), np.abs(gb))
+
+
+def pair_error(a: np.ndarray, b: np.ndarray, tol: Tolerance, exclude: np.ndarray | None = None) -> PairError:
     a = np.asarray(a, np.float64)
     b = np.asarray(b, np.float64)
     if a.shape != b.shape:
         return PairError(float("inf"), float("inf"), float("inf"))
+    excluded = 0
+    if exclude is not None:
+        excluded = int(exclude.sum())
+        a, b = a[~exclude], b[~exclude]
     if a.size == 0:
-        return PairError(0.0, 0.0, 0.0)
+        return PairError(0.0, 0.0, 0.0, excluded)
     diff = np.abs(a - b)
     scale = np.maximum(np.abs(a), np.abs(b))
     with np.errstate(divide="ignore", invalid="ignore"):
         rel = np.where(scale > 0, diff / scale, 0.0)
         excess = diff / (tol.atol + tol.rtol * scale)
     excess = np.where(diff == 0, 0.0, excess)
-    return PairError(float(diff.max()), float(rel.max()), float(excess.max()))
+    return PairError(float(diff.max()), float(rel.max()), float(excess.max()), excluded)
 
 
 def pairs(frameworks: tuple[str, ...]) -> list[tuple[str, str]]:

@@ -211,7 +211,11 @@ PRESETS: dict[str, Knobs] = {
         bn_running_var="biased",
         kernel_init="glorot_uniform",
         bias_init="zeros",
-        loss="clipped_probs",  # softmax output layer + sparse_categorical_crossentropy
+        # A softmax output layer + sparse_categorical_crossentropy(from_logits=False) does NOT
+        # clip in Keras 3 on TF: a Keras softmax tensor carries its logits (`_keras_logits`)
+        # and the loss uses them (pinned in tests/test_keras.py). The clip only engages on a
+        # probability tensor Keras cannot trace back, e.g. a raw tf.nn.softmax in eager mode.
+        loss="logits",
         adam_epsilon=1e-7,
         adam_epsilon_placement="uncorrected",
         plateau_counting="keras",

@@ -24,6 +24,8 @@ def explanation_text(stage: dict) -> str:
         by_fw.setdefault(m["framework"], []).append(f"{m['knob']} ({_show(m['from'])} vs {_show(m['to'])})")
     for fw, knobs in by_fw.items():
         parts.append(f"{fw}: {', '.join(knobs)}")
+    if stage.get("carried"):
+        parts.append("also " + ", ".join(f"{m['framework']}.{m['knob']}" for m in stage["carried"]) + " (found earlier)")
     if not stage["attribution_resolved"]:
         parts.append("UNEXPLAINED by the knobs this stage reads")
     return "; ".join(parts)

@@ -91,8 +91,10 @@ def check_plant(tri, plant: Plant, base: Knobs) -> dict:
     found: dict[str, tuple[str, list[str]]] = {}  # fw -> (first stage, knobs explaining it there)
     problems = []
     last_needed = max(tri.stages.index(next(s for s in tri.stages if s.name == st)) for _, st in expected.values())
+    known = []
     for stage in tri.stages[: last_needed + 1]:
-        o = tri.run_stage(stage, knobs)
+        o = tri.run_stage(stage, knobs, known)
+        known += o.explained_by
         if o.judgement.verdict == AGREE:
             continue
         if len(expected) == 1 and o.judgement.verdict != DEVIATES:
@@ -101,7 +103,7 @@ def check_plant(tri, plant: Plant, base: Knobs) -> dict:
             problems.append(f"{stage.name}: named {o.judgement.deviator}")
         if not o.resolved:
             problems.append(f"{stage.name}: attribution did not resolve")
-        named = {m.framework for m in o.explained_by}
+        named = {m.framework for m in o.explained_by + o.carried}
         for fw in named | ({o.judgement.deviator} if o.judgement.deviator else set()):
             if fw not in found:
                 found[fw] = (stage.name, [m.knob for m in o.explained_by if m.framework == fw])

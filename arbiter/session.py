@@ -7,7 +7,7 @@ import numpy as np
 from arbiter.frameworks import FRAMEWORK_KEYS, load_adapter
 from arbiter.knobs import NATIVE_PRESET, KnobError, Knobs, parse_override, preset
 from arbiter.spec import ModelSpec
-from arbiter.stages import Probe
+from arbiter.stages import Probe, reference_path
 from arbiter.weights import probe_weights
 from impls.base import FrameworkUnavailable
 
@@ -68,13 +68,18 @@ def make_probe(data, adapters: dict, knobs: dict[str, Knobs], reference: str, se
     def model_input(idx):
         return ref.preprocess(data, "train", idx, knobs[reference], train=False, seed=seed)
 
+    weights = probe_weights(spec, seed)
+    trajectory = [(model_input(b), data.labels["train"][b]) for b in batches[1:]]
+    model = ref.build(spec, knobs[reference], seed)
+    ref.import_weights(model, weights)
     return Probe(
         data=data,
         indices=batches[0],
         x=model_input(batches[0]),
         y=data.labels["train"][batches[0]],
-        weights=probe_weights(spec, seed),
-        trajectory=[(model_input(b), data.labels["train"][b]) for b in batches[1:]],
+        weights=weights,
+        trajectory=trajectory,
+        reference_path=reference_path(ref, model, learning_rate, trajectory),
         learning_rate=learning_rate,
         seed=seed,
     )

@@ -4,8 +4,8 @@ A reconstruction of the hybrid Gabor-CNN of Ahmed et al. ("A Lightweight Hybrid 
 Deep Learning Approach and its Application to Medical Image Classification"):
 
     uint8 RGB (H, W, 3)
-      -> float, scaled                        [input pipeline, knob `input_scaling`]
-      -> grayscale (H, W, 1)                  [input pipeline, knobs `grayscale_*`]
+      -> grayscale in [0, 1] (H, W, 1)        [input pipeline, knobs `grayscale_*`]
+      -> scaled                               [input pipeline, knob `input_scaling`]
     model:
       gabor   fixed Gabor bank, k x k, stride 1, padding k//2, no bias, not trainable
       stem    conv3x3 s1            -> BN -> ReLU

@@ -26,16 +26,13 @@ BN_UPDATE_KNOBS = ("bn_momentum", "bn_running_var")
 OPTIMIZER_KNOBS = ("adam_epsilon", "adam_epsilon_placement")
 PLATEAU_KNOBS = ("plateau_patience", "plateau_counting", "plateau_threshold_mode", "plateau_min_delta", "plateau_factor", "plateau_cooldown")
 
-# A validation-loss script on which every plateau knob changes the outcome: a long
-# plateau (patience, counting, cooldown), then improvements of 3e-4 on a loss of ~2 —
-# above an absolute 1e-4 threshold but below a relative 1e-4 * 2 = 2e-4? no: 3e-4 > 2e-4;
-# so the steps are 1.5e-4: an improvement in 'abs' mode (> 1e-4), not in 'rel' (< 2e-4).
-SCRIPTED_VAL_LOSSES = (
-    2.0, 1.9, 1.9, 1.9, 1.9, 1.9, 1.9, 1.9,
-    1.89985, 1.8997, 1.89955, 1.8994, 1.89925, 1.8991, 1.89895, 1.8988,
-    1.9, 1.9, 1.9, 1.9, 1.9, 1.9, 1.9, 1.9, 1.9, 1.9, 1.9, 1.9, 1.9, 1.9,
-)  # fmt: skip
-SCHEDULE_PATIENCE = 3  # plateau_patience is overridden to this unless the knob is planted
+# A scripted validation-loss sequence on which every plateau knob changes the outcome
+# (Keras semantics, patience 10: reductions after epochs 13, 23, 33). The drop 0.1 -> 0.095
+# is an improvement for min_delta 1e-4 but not 1e-2; the drop 0.095 -> 0.09495 (5e-5) is
+# one for a relative threshold (1e-4 * 0.095 = 9.5e-6) but not an absolute one (1e-4); the
+# long plateau after it gives three reductions, so patience, counting (one epoch later per
+# reduction), cooldown and factor all change the sequence of rates.
+SCRIPTED_VAL_LOSSES = (0.2, 0.1, 0.1, 0.095, 0.095, 0.095) + (0.09495,) * 34
 
 
 @dataclass
@@ -48,6 +45,7 @@ class Probe:
     y: np.ndarray  # labels (N,)
     weights: dict  # canonical weights every framework imports
     trajectory: list  # [(x, y)] fixed batch sequence for the trajectory stage
+    reference_path: list  # canonical weights before each trajectory step, from the reference framework
     learning_rate: float
     seed: int
 
@@ -97,29 +95,61 @@ def _gradients(adapter, new_model, knobs, probe):
     return {f"grad/{n}": grads[n] for n in weight_shapes(new_model().spec) if is_trainable(n)}
 
 
-def _state_after_steps(adapter, model, optimizer, batches) -> dict:
-    out = {}
-    for t, (x, y) in enumerate(batches, start=1):
-        loss = adapter.train_step(model, optimizer, x, y)
-        prefix = f"step{t:02d}/" if len(batches) > 1 else ""
-        out[f"{prefix}loss"] = np.float64(loss)
-        out.update({f"{prefix}{n}": w for n, w in adapter.export_weights(model).items()})
+def _state_after_step(adapter, model, optimizer, x, y, prefix: str = "") -> dict:
+    """Loss, parameters and BN statistics after one step, plus Adam's first moment (the
+    round-off reference: see ROUNDOFF_REFERENCE)."""
+    loss = adapter.train_step(model, optimizer, x, y)
+    out = {f"{prefix}loss": np.float64(loss)}
+    out.update({f"{prefix}{n}": w for n, w in adapter.export_weights(model).items()})
+    state = adapter.optimizer_state(optimizer)
+    out.update({f"{ROUNDOFF_REFERENCE}{prefix}{n[2:]}": m for n, m in state.items() if n.startswith("m/")})
     return out
+
+
+# Tensors under this prefix are not judged. They hold each framework's Adam first moment
+# after the step: where two frameworks' moments differ by more than 0.1%
+# (arbiter.compare.roundoff_mask), the gradient history of that element is round-off
+# (a gradient near zero, or a ReLU kink within round-off of zero), Adam's normalisation
+# (m_hat / sqrt(v_hat) ~ sign(g)) turns it into updates of up to +-lr, and the element is
+# excluded from the comparison of the parameter of the same name, and counted. Faults that
+# change gradients for real (loss, BN epsilon, padding) are caught by the earlier stages.
+ROUNDOFF_REFERENCE = "roundoff-reference/"
 
 
 def _adam_step(adapter, new_model, knobs, probe):
     model = new_model()
     optimizer = adapter.make_optimizer(model, probe.learning_rate)
-    out = _state_after_steps(adapter, model, optimizer, [(probe.x, probe.y)])
-    state = adapter.optimizer_state(optimizer)
-    out.update({k: v for k, v in state.items() if k != "step"})
+    out = _state_after_step(adapter, model, optimizer, probe.x, probe.y)
+    out.update({k: v for k, v in adapter.optimizer_state(optimizer).items() if k != "step"})
     return out
 
 
 def _trajectory(adapter, new_model, knobs, probe):
+    """K steps along the shared reference path: before step t every framework loads the
+    same parameters and BN statistics (the reference framework's after t-1 steps) and keeps
+    its own Adam state. Free-running copies would diverge chaotically — round-off gradients
+    flip Adam updates by +-lr and the flips compound (measured here: 1.5e-3 after 2 steps,
+    4e-2 after 20, under the aligned preset) — which would hide every real difference.
+    A pre-activation within round-off of a ReLU kink flips one element's gradient and, through
+    BatchNorm, a whole channel's (seen here at one step in six); the round-off mask excludes
+    those elements while their Adam moments still differ."""
     model = new_model()
     optimizer = adapter.make_optimizer(model, probe.learning_rate)
-    return _state_after_steps(adapter, model, optimizer, probe.trajectory)
+    out = {}
+    for t, ((x, y), start) in enumerate(zip(probe.trajectory, probe.reference_path), start=1):
+        adapter.import_weights(model, start)
+        out.update(_state_after_step(adapter, model, optimizer, x, y, prefix=f"step{t:02d}/"))
+    return out
+
+
+def reference_path(adapter, model, learning_rate: float, batches: list) -> list[dict]:
+    """Canonical weights before each step of a free-running trajectory of `model`."""
+    optimizer = adapter.make_optimizer(model, learning_rate)
+    path = []
+    for x, y in batches:
+        path.append(adapter.export_weights(model))
+        adapter.train_step(model, optimizer, x, y)
+    return path
 
 
 def _schedule(adapter, new_model, knobs, probe):
@@ -163,7 +193,7 @@ STAGES: tuple[Stage, ...] = (
         "forward-train",
         "every named activation, train mode (batch statistics)",
         MODEL_KNOBS,
-        Tolerance(1e-5, 1e-4, "float32 round-off; batch statistics add a reduction per BN"),
+        Tolerance(5e-5, 1e-4, "float32 round-off, amplified by normalising with small batch variances (measured ~1e-5 under aligned)"),
         _forward(True, _FWD),
     ),
     Stage(
@@ -184,21 +214,21 @@ STAGES: tuple[Stage, ...] = (
         "adam-step",
         "one Adam step: parameters, BN running statistics, Adam moments",
         MODEL_KNOBS + ("loss",) + BN_UPDATE_KNOBS + OPTIMIZER_KNOBS,
-        Tolerance(1e-6, 1e-5, "one update of size ~lr=1e-3 applied to O(1) parameters in float32"),
+        Tolerance(1e-6, 1e-6, "updates of ~lr=1e-3 and BN statistics in float32 agree to ~1e-7; elements whose Adam moment is round-off (differs by >0.1% between frameworks) are excluded and counted"),
         _adam_step,
     ),
     Stage(
         "trajectory",
-        "K training steps on a fixed batch sequence: loss, parameters, BN statistics per step",
+        "K training steps from shared starting points: loss, parameters, BN statistics per step",
         MODEL_KNOBS + ("loss",) + BN_UPDATE_KNOBS + OPTIMIZER_KNOBS,
-        Tolerance(1e-5, 1e-4, "round-off compounds over steps; Adam normalises tiny gradient noise"),
+        Tolerance(1e-5, 1e-6, "1% of lr: a round-off gradient flip lingers in Adam's second moment for ~1/(1-beta2) steps after its first moment agrees again (measured <= 5e-6 under aligned)"),
         _trajectory,
     ),
     Stage(
         "lr-schedule",
         "each framework's own ReduceLROnPlateau on a scripted validation-loss sequence",
         PLATEAU_KNOBS,
-        Tolerance(0.0, 1e-9, "learning rates are products of the factor: exact up to float64 round-off"),
+        Tolerance(0.0, 1e-6, "learning rates are products of the factor; optax keeps its scale in float32"),
         _schedule,
         uses_model=False,
     ),

@@ -19,9 +19,9 @@ from typing import Callable
 
 import numpy as np
 
-from arbiter.compare import AGREE, DEVIATES, Tolerance, pair_error, pair_key, pairs, verdict
+from arbiter.compare import AGREE, DEVIATES, pair_error, pair_key, pairs, roundoff_mask, verdict
 from arbiter.knobs import Knobs, knob_scope
-from arbiter.stages import STAGES, Probe, Stage
+from arbiter.stages import ROUNDOFF_REFERENCE, STAGES, Probe, Stage
 from arbiter.spec import ModelSpec
 
 
@@ -61,16 +61,18 @@ class Move:
     knob: str
     old: object
     new: object
+    first_tensor: str | None = None  # where this knob alone makes the framework disagree
 
     def to_dict(self) -> dict:
-        return {"framework": self.framework, "knob": self.knob, "from": _plain(self.old), "to": _plain(self.new)}
+        return {"framework": self.framework, "knob": self.knob, "from": _plain(self.old), "to": _plain(self.new), "first_tensor": self.first_tensor}
 
 
 @dataclass
 class StageOutcome:
     stage: Stage
     judgement: Judgement
-    explained_by: list[Move] = field(default_factory=list)
+    explained_by: list[Move] = field(default_factory=list)  # knobs first found at this stage
+    carried: list[Move] = field(default_factory=list)  # knobs found at earlier stages that this stage reads too
     resolved: bool = True  # False: attribution could not make the stage agree
     after: Judgement | None = None
     not_testable: list[str] = field(default_factory=list)
@@ -91,6 +93,7 @@ class StageOutcome:
             "tolerance": self.stage.tolerance.to_dict(),
             "reads": list(self.stage.reads),
             "explained_by": [m.to_dict() for m in self.explained_by],
+            "carried": [m.to_dict() for m in self.carried],
             "attribution_resolved": self.resolved,
             "verdict_after_attribution": self.after.verdict if self.after else None,
             "not_testable": self.not_testable,
@@ -138,13 +141,15 @@ class Triangulator:
 
     def judge(self, stage: Stage, knobs: dict[str, Knobs]) -> Judgement:
         outputs = {fw: self.compute(stage, fw, knobs[fw]) for fw in self.frameworks}
-        names = list(next(iter(outputs.values())))
+        names = [n for n in next(iter(outputs.values())) if not n.startswith(ROUNDOFF_REFERENCE)]
         per_tensor = {}
         for name in names:
-            per_tensor[name] = {
-                pair_key((a, b)): pair_error(outputs[a].get(name, np.array(np.nan)), outputs[b].get(name, np.array(np.nan)), stage.tolerance)
-                for a, b in pairs(self.frameworks)
-            }
+            ref = ROUNDOFF_REFERENCE + (name[2:] if name[:2] in ("m/", "v/") else name)
+            per_tensor[name] = {}
+            for a, b in pairs(self.frameworks):
+                exclude = roundoff_mask(outputs[a][ref], outputs[b][ref]) if ref in outputs[a] and ref in outputs[b] else None
+                missing = np.array(np.nan)
+                per_tensor[name][pair_key((a, b))] = pair_error(outputs[a].get(name, missing), outputs[b].get(name, missing), stage.tolerance, exclude)
         agreeing = {p: all(errs[pair_key(p)].agree for errs in per_tensor.values()) for p in pairs(self.frameworks)}
         v, dev = verdict(agreeing, self.frameworks)
         return Judgement(v, dev, per_tensor, agreeing)
@@ -178,6 +183,8 @@ class Triangulator:
         return all(np.array_equal(x[k], y[k]) for k in x)
 
     def attribute(self, stage: Stage, knobs: dict[str, Knobs], judgement: Judgement) -> tuple[list[Move], bool, Judgement]:
+        """Greedy search from `knobs` (with `judgement` its verdict) for the moves that make
+        the stage agree; then the ones the agreement does not need are dropped."""
         applied: list[Move] = []
         current, j = dict(knobs), judgement
         while j.verdict != AGREE:
@@ -199,6 +206,9 @@ class Triangulator:
                 rest = [m for m in applied if m is not move]
                 if self.judge(stage, self._apply(knobs, rest)).verdict == AGREE:
                     applied = rest
+        for move in applied:  # where does this knob, alone, show?
+            others = [m for m in applied if m is not move]
+            move.first_tensor = self.judge(stage, self._apply(knobs, others)).first_tensor(move.framework)
         return applied, resolved, j
 
     # -- running ------------------------------------------------------------------------------
@@ -210,25 +220,32 @@ class Triangulator:
                 names.update(k for k in knobs[fw].differences(knobs[other]) if knob_scope(k) == "training")
         return sorted(names)
 
-    def run_stage(self, stage: Stage, knobs: dict[str, Knobs] | None = None) -> StageOutcome:
-        """Judge one stage and attribute its deviations; `knobs` defaults to the run's own
-        (the self-test passes planted ones, sharing the output cache across plants)."""
+    def run_stage(self, stage: Stage, knobs: dict[str, Knobs] | None = None, known: list[Move] = ()) -> StageOutcome:
+        """Judge one stage and attribute its deviations. `knobs` defaults to the run's own
+        (the self-test passes planted ones, sharing the output cache across plants).
+        `known` are moves found at earlier stages: attribution starts from them, so each
+        stage reports only what is new there (and runs the costly stages far fewer times)."""
         knobs = knobs or self.knobs
         t0 = time.perf_counter()
         j = self.judge(stage, knobs)
         outcome = StageOutcome(stage, j, not_testable=self.not_testable(knobs))
         if j.verdict != AGREE and len(self.frameworks) >= 2:
-            outcome.explained_by, outcome.resolved, outcome.after = self.attribute(stage, knobs, j)
-        deviators = {m.framework for m in outcome.explained_by} | ({j.deviator} if j.deviator else set())
+            outcome.carried = [m for m in known if m.knob in stage.reads]
+            start = self._apply(knobs, outcome.carried)
+            j_start = self.judge(stage, start) if outcome.carried else j
+            outcome.explained_by, outcome.resolved, outcome.after = self.attribute(stage, start, j_start)
+        deviators = {m.framework for m in outcome.explained_by + outcome.carried} | ({j.deviator} if j.deviator else set())
         outcome.first_tensors = {fw: j.first_tensor(fw) or j.first_tensor(None) for fw in sorted(deviators)}
         outcome.seconds = time.perf_counter() - t0
         return outcome
 
-    def run(self) -> list[StageOutcome]:
-        outcomes = []
-        for stage in self.stages:
-            self.log(f"stage {stage.name}")
-            outcomes.append(self.run_stage(stage))
+    def run(self, knobs: dict[str, Knobs] | None = None, stages: tuple[Stage, ...] | None = None) -> list[StageOutcome]:
+        outcomes, known = [], []
+        for stage in stages or self.stages:
+            self.log(f"stage {stage.name}: {stage.title}")
+            outcome = self.run_stage(stage, knobs, known)
+            known += outcome.explained_by
+            outcomes.append(outcome)
         return outcomes
 
 
@@ -245,11 +262,12 @@ def summarize(outcomes: list[StageOutcome]) -> list[dict]:
                     "value": _plain(m.old),
                     "majority_value": _plain(m.new),
                     "first_stage": o.stage.name,
-                    "first_tensor": o.first_tensors.get(m.framework),
+                    "first_tensor": m.first_tensor,
                     "stages": [o.stage.name],
                 }
-            else:
-                findings[key]["stages"].append(o.stage.name)
+        for m in o.carried:
+            if (m.framework, m.knob) in findings and o.stage.name not in findings[(m.framework, m.knob)]["stages"]:
+                findings[(m.framework, m.knob)]["stages"].append(o.stage.name)
     unexplained = [
         {"stage": o.stage.name, "verdict": o.judgement.verdict, "deviator": o.judgement.deviator}
         for o in outcomes

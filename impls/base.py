@@ -107,8 +107,9 @@ class Adapter(abc.ABC):
         `data.path`: a tensorflow-datasets builder over the npz feeding tf.data and
         tf.image ops for TF; a torch Dataset/DataLoader with its transforms for PyTorch;
         numpy/jnp for JAX. It is the same per-example transform the training pipeline
-        applies: uint8 -> float (knob input_scaling) -> gray (knobs grayscale_*; skipped
-        for 1-channel data) -> augmentation when `train` (knob train_augmentation; also
+        applies: uint8 -> gray in [0, 1] (knobs grayscale_*; skipped for 1-channel data;
+        'uint8' rounding rounds the gray level before dividing by 255) -> input_scaling ->
+        augmentation when `train` (knob train_augmentation; also
         at eval when eval_augmentation is on), seeded by `seed` in the framework's own
         RNG."""
 

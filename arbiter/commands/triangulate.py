@@ -125,11 +125,9 @@ def run(args) -> int:
     with console.status("preparing the shared probe batch"):
         probe = make_probe(data, adapters, knobs, reference, args.seed, args.batch_size, args.steps, args.lr)
     tri = Triangulator(adapters, knobs, probe, spec_for(data), reference, stages)
-    outcomes = []
     with console.status("") as status:
-        for stage in stages:
-            status.update(f"stage {stage.name}: {stage.title}")
-            outcomes.append(tri.run_stage(stage))
+        tri.log = lambda message: status.update(message)
+        outcomes = tri.run()
     report = build_report(args, data, tri, outcomes, missing, time.perf_counter() - t0)
     out = args.out or Path("runs") / f"triangulate-{dt.datetime.now():%Y%m%d-%H%M%S}"
     write_report(report, out)
