@@ -45,7 +45,8 @@ def save_weights(path: str | Path, weights: dict[str, np.ndarray], spec: ModelSp
     fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".npz.tmp")
     os.close(fd)
     try:
-        np.savez(tmp, **arrays)
+        with open(tmp, "wb") as f:  # a file object: np.savez would append ".npz" to a name
+            np.savez(f, **arrays)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
