@@ -46,7 +46,7 @@ def _knob(default, meaning: str, choices: tuple | None = None, kind: str = "choi
 class Knobs:
     # --- input pipeline -------------------------------------------------------------
     input_scaling: str = _knob(
-        "unit", "uint8 -> float: 'unit' x/255 in [0,1]; 'symmetric' (x/255-0.5)/0.5 in [-1,1]", ("unit", "symmetric")
+        "unit", "gray level in [0,1] -> model input: 'unit' keeps it; 'symmetric' (x-0.5)/0.5 in [-1,1]", ("unit", "symmetric")
     )
     grayscale_coefficients: tuple[float, float, float] = _knob(
         (0.299, 0.587, 0.114),
@@ -170,6 +170,15 @@ def _validate(f, value):
         raise KnobError(f"knob {f.name} must be non-negative; got {value!r}")
     if f.name == "bn_momentum" and not 0 <= value < 1:
         raise KnobError(f"knob bn_momentum must be in [0, 1); got {value!r}")
+
+
+def show_value(value: Any) -> str:
+    """A knob value as people write it: 1e-05, (0.299, 0.587, 0.114), tf_same."""
+    if isinstance(value, (tuple, list)):
+        return "(" + ", ".join(f"{v:g}" for v in value) + ")"
+    if isinstance(value, float):
+        return f"{value:g}"
+    return str(value)
 
 
 def parse_value(name: str, raw: Any) -> Any:

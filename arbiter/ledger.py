@@ -25,7 +25,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Iterator
 
 DEFAULT_DB = Path("runs") / "arbiter.db"
 STATUSES = ("running", "finished", "failed", "interrupted")
@@ -134,7 +134,10 @@ def pid_alive(pid: int | None) -> bool:
         return False
     except PermissionError:
         return True
-    return True
+    try:  # a killed process whose parent has not reaped it yet still answers kill(pid, 0)
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True
 
 
 class Ledger:
@@ -263,20 +266,3 @@ class Ledger:
 
     def integrity(self) -> str:
         return self.conn.execute("PRAGMA integrity_check").fetchone()[0]
-
-
-def summarise(row: RunRow) -> dict[str, Any]:
-    """The columns `arbiter runs` shows."""
-    return {
-        "run_id": row.run_id,
-        "framework": row.framework,
-        "seed": row.seed,
-        "status": row.status,
-        "epochs": f"{row.epochs_done}/{row.settings.get('epochs', '?')}",
-        "test_acc": row.test_acc,
-        "test_auc": row.test_auc,
-        "best_epoch": row.best_epoch,
-        "wall_time_s": row.wall_time_s,
-        "dataset": row.dataset,
-        "started_at": row.started_at,
-    }

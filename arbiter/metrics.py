@@ -6,7 +6,7 @@ MedMNIST's `Evaluator` (medmnist.evaluator) scores a multi-class task with
 `medmnist.Evaluator` itself cannot be used here: it re-reads labels from
 `<root>/<flag>.npz` (so it cannot score a user's file or the synthetic stand-in) and
 importing medmnist imports torch (medmnist.dataset), which the harness must not do. This
-module computes the same two numbers with the same sklearn calls; tests/test_training.py
+module computes the same two numbers with the same sklearn calls; tests/test_stats.py
 checks them against medmnist's own getACC/getAUC.
 """
 

@@ -56,6 +56,8 @@ def training_curves(curves: dict[str, list[list[dict]]], path: Path, synthetic: 
             ax.set_title(label)
             if key == "lr":
                 ax.set_yscale("log")
+                lo, hi = ax.get_ylim() if i else (np.inf, 0)
+                ax.set_ylim(min(lo, np.nanmin(mean) / 3), max(hi, np.nanmax(mean) * 3))
     axes[0].legend()
     fig.suptitle(title("Training curves: mean and +-1 std over seeds", synthetic))
     return _save(fig, path)

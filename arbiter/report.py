@@ -9,6 +9,7 @@ from rich.console import Console
 from rich.table import Table
 
 from arbiter.compare import AGREE, pair_key, pairs
+from arbiter.knobs import show_value
 
 
 def _fmt(x: float) -> str:
@@ -21,7 +22,7 @@ def explanation_text(stage: dict) -> str:
     parts = []
     by_fw: dict[str, list[str]] = {}
     for m in stage["explained_by"]:
-        by_fw.setdefault(m["framework"], []).append(f"{m['knob']} ({_show(m['from'])} vs {_show(m['to'])})")
+        by_fw.setdefault(m["framework"], []).append(f"{m['knob']} ({show_value(m['from'])} vs {show_value(m['to'])})")
     for fw, knobs in by_fw.items():
         parts.append(f"{fw}: {', '.join(knobs)}")
     if stage.get("carried"):
@@ -29,14 +30,6 @@ def explanation_text(stage: dict) -> str:
     if not stage["attribution_resolved"]:
         parts.append("UNEXPLAINED by the knobs this stage reads")
     return "; ".join(parts)
-
-
-def _show(v) -> str:
-    if isinstance(v, list):
-        return "(" + ", ".join(f"{x:g}" for x in v) + ")"
-    if isinstance(v, float):
-        return f"{v:g}"
-    return str(v)
 
 
 def finding_sentence(f: dict) -> str:
@@ -47,7 +40,7 @@ def finding_sentence(f: dict) -> str:
     where = f"stage {f['first_stage']}" + (f" (tensor `{f['first_tensor']}`)" if f["first_tensor"] else "")
     return (
         f"{f['framework']} deviates from {where}, explained by `{f['knob']}` "
-        f"({_show(f['value'])} vs {_show(f['majority_value'])})"
+        f"({show_value(f['value'])} vs {show_value(f['majority_value'])})"
     )
 
 
@@ -102,7 +95,7 @@ def write_markdown(report: dict, path: Path) -> None:
     lines += [f"- **{s['name']}**: atol {s['tolerance']['atol']:g}, rtol {s['tolerance']['rtol']:g} — {s['tolerance']['reason']}" for s in report["stages"]]
     lines += ["", "## Settings per framework", "", "| knob | " + " | ".join(frameworks) + " |", "|" + "---|" * (1 + len(frameworks))]
     for knob in report["settings"][frameworks[0]]:
-        vals = [_show(report["settings"][fw][knob]) for fw in frameworks]
+        vals = [show_value(report["settings"][fw][knob]) for fw in frameworks]
         mark = " **≠**" if len(set(vals)) > 1 else ""
         lines.append(f"| {knob}{mark} | " + " | ".join(vals) + " |")
     lines += ["", "## Environment", ""]

@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from arbiter.compare import AGREE, DEVIATES
-from arbiter.knobs import Knobs
+from arbiter.knobs import Knobs, show_value
 from arbiter.stages import STAGES
 
 # The planted value of each numeric knob (aligned's value -> this). Realistic faults:
@@ -52,7 +52,7 @@ class Plant:
 
     @property
     def label(self) -> str:
-        return " + ".join(f"{fw}.{k}={_show(v)}" for fw, kv in self.faults.items() for k, v in kv.items())
+        return " + ".join(f"{fw}.{k}={show_value(v)}" for fw, kv in self.faults.items() for k, v in kv.items())
 
     def knobs(self, base: Knobs, frameworks) -> dict[str, Knobs]:
         shared = {}
@@ -68,10 +68,6 @@ class Plant:
             for k in kv:
                 out[fw] = (k, next(s.name for s in STAGES if k in s.reads))
         return out
-
-
-def _show(v):
-    return "(" + ",".join(f"{x:g}" for x in v) + ")" if isinstance(v, tuple) else v
 
 
 def plants(frameworks, quick: bool) -> list[Plant]:

@@ -14,17 +14,16 @@ more; where it is silent we take what its users got without asking:
   benchmark setting;
 * batch size 128: MedMNIST v2's benchmark setting (its ResNet baselines, the numbers the
   paper compares itself with);
-* 50 epochs: half of MedMNIST v2's 100; DermaMNIST's 7007 images overfit this 0.33 M-
-  parameter model well before that (validation loss bottoms out after roughly 15-25
-  epochs in our runs of the synthetic stand-in), and with patience 10 the plateau
-  schedule has room for two or three reductions, the regime the paper's recipe implies.
-  The test metrics come from the best epoch by validation loss, so extra epochs only
-  cost time;
+* 50 epochs: the paper does not give its count; MedMNIST v2 trains 100. Half of that
+  leaves the plateau schedule (patience 10) room for up to four reductions while a run
+  on CPU stays affordable (20-110 s per epoch
+  on 2 shared cores, benchmarks/train_epoch.py). The test metrics come from the best
+  epoch by validation loss, so epochs past the minimum cost time, not accuracy;
 * patience 10, cooldown 0, factor 0.1, min_delta 1e-4: these live in the knobs
   (`plateau_*`, `arbiter.knobs.Knobs`), not here, because the frameworks disagree on
   what they mean; the values are the Keras callback's and the PyTorch scheduler's own
-  defaults, which is what a user who did not set them (as the reproduction report
-  suggests) trained with.
+  defaults, what a user who did not set them trained with (the reproduction report
+  notes that the paper does not state them).
 * No early stopping (the paper does not mention it) and min_lr 0 (all three defaults).
 
 Batch order
@@ -35,6 +34,13 @@ data-order noise. `shuffle='framework'`: each framework's own shuffler (tf.data 
 torch RandomSampler, jax.random.permutation) seeded per epoch by `epoch_seed`. Both are
 functions of (seed, epoch) alone, so a run resumed at epoch e sees exactly the batches
 an uninterrupted run saw.
+
+Train only the head
+-------------------
+`freeze_all_but_head`: only `head.*` is trained; every other tensor keeps its initial or
+transferred value (`--init-weights`), and BatchNorm runs in inference mode (running
+statistics used, not updated) in all three frameworks, which is what Keras does with a
+layer set to trainable=False.
 
 Checkpoints and resume
 ----------------------

@@ -7,7 +7,7 @@ import json
 from rich.console import Console
 from rich.table import Table
 
-from arbiter.knobs import KNOB_FIELDS, PRESETS
+from arbiter.knobs import KNOB_FIELDS, PRESETS, show_value
 
 NAME = "knobs"
 HELP = "list every knob: meaning, allowed values, and each preset's value"
@@ -20,14 +20,6 @@ Override one knob of one framework elsewhere with --set FRAMEWORK.KNOB=VALUE."""
 
 def add_arguments(parser):
     parser.add_argument("--json", action="store_true", help="print machine-readable JSON instead of a table")
-
-
-def _show(value) -> str:
-    if isinstance(value, tuple):
-        return "(" + ", ".join(f"{v:g}" for v in value) + ")"
-    if isinstance(value, float):
-        return f"{value:g}"
-    return str(value)
 
 
 def run(args) -> int:
@@ -52,6 +44,6 @@ def run(args) -> int:
         table.add_column(col, overflow="fold")
     for name, row in zip(KNOB_FIELDS, rows):
         scope = "" if row["scope"] == "numeric" else f" [{row['scope']}]"
-        table.add_row(name + scope, row["meaning"], row["allowed"], *(_show(getattr(PRESETS[p], name)) for p in PRESETS))
+        table.add_row(name + scope, row["meaning"], row["allowed"], *(show_value(getattr(PRESETS[p], name)) for p in PRESETS))
     Console(width=200).print(table)
     return 0

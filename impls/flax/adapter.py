@@ -30,6 +30,7 @@ import optax.contrib
 from arbiter.data import Dataset
 from arbiter.knobs import Knobs, KnobNotSupported
 from arbiter.spec import ModelSpec, is_trainable, weight_shapes
+from arbiter.weights import check_weights
 from impls import base
 from impls.flax import pipeline
 from impls.flax.model import Net
@@ -283,15 +284,8 @@ class Adapter(base.Adapter):
         }
 
     def import_weights(self, model: base.Model, weights: dict[str, np.ndarray]) -> None:
+        check_weights(weights, model.spec)
         shapes = weight_shapes(model.spec)
-        for name, shape in shapes.items():
-            if name not in weights:
-                raise ValueError(f"flax import_weights: missing tensor {name!r}")
-            if tuple(np.shape(weights[name])) != shape:
-                raise ValueError(f"flax import_weights: tensor {name!r} has shape {tuple(np.shape(weights[name]))}, expected {shape}")
-        unknown = sorted(set(weights) - set(shapes))
-        if unknown:
-            raise ValueError(f"flax import_weights: unknown tensor {unknown[0]!r} (not in arbiter.spec.weight_shapes)")
         state = dict(model.state)
         with self._on_device():
             for name in shapes:

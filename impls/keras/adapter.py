@@ -28,6 +28,7 @@ import tensorflow as tf
 from arbiter.data import Dataset
 from arbiter.knobs import Knobs
 from arbiter.spec import ACTIVATIONS, ModelSpec, is_trainable, weight_shapes
+from arbiter.weights import check_weights
 from impls import base
 
 from . import pipeline
@@ -99,15 +100,8 @@ class Adapter(base.Adapter):
         return {name: np.array(keras_variable(model.net, name).value.numpy(), dtype=np.float32) for name in weight_shapes(model.spec)}
 
     def import_weights(self, model: base.Model, weights: dict[str, np.ndarray]) -> None:
+        check_weights(weights, model.spec)
         shapes = weight_shapes(model.spec)
-        for name, shape in shapes.items():
-            if name not in weights:
-                raise ValueError(f"weights lack {name!r} (shape {shape})")
-            if tuple(np.shape(weights[name])) != shape:
-                raise ValueError(f"weights[{name!r}] has shape {tuple(np.shape(weights[name]))}, expected {shape}")
-        unknown = sorted(set(weights) - set(shapes))
-        if unknown:
-            raise ValueError(f"unknown weight name(s) {', '.join(unknown)}")
         for name in shapes:
             keras_variable(model.net, name).assign(np.asarray(weights[name], dtype=np.float32))
 

@@ -26,6 +26,7 @@ from torch import nn
 from arbiter.data import Dataset
 from arbiter.knobs import Knobs, KnobNotSupported
 from arbiter.spec import ACTIVATIONS, ModelSpec, is_trainable, weight_shapes
+from arbiter.weights import check_weights
 from impls import base
 
 from . import layout, pipeline
@@ -89,15 +90,8 @@ class Adapter(base.Adapter):
         return {name: layout.to_canonical(name, state[layout.state_key(name)]) for name in weight_shapes(model.spec)}
 
     def import_weights(self, model: base.Model, weights: dict[str, np.ndarray]) -> None:
+        check_weights(weights, model.spec)
         shapes = weight_shapes(model.spec)
-        for name, shape in shapes.items():
-            if name not in weights:
-                raise ValueError(f"torch import_weights: missing tensor {name!r}")
-            if tuple(np.shape(weights[name])) != shape:
-                raise ValueError(f"torch import_weights: {name!r} has shape {tuple(np.shape(weights[name]))}, expected {shape}")
-        unknown = sorted(set(weights) - set(shapes))
-        if unknown:
-            raise ValueError(f"torch import_weights: unknown tensor {unknown[0]!r}")
         state = model.net.state_dict()  # shares storage with the parameters and buffers
         with torch.no_grad():
             for name in shapes:
