@@ -81,7 +81,7 @@ def accuracy_distribution(groups: dict[str, Sequence[float]], path: Path, synthe
             ax.errorbar(i + 0.3, m, yerr=[[m - lo], [hi - m]], fmt="none", ecolor="black", capsize=4)
     if majority is not None:
         ax.axhline(100 * majority, ls="--", color="gray", label=f"majority class {100 * majority:.1f}%")
-        ax.legend(loc="lower right")
+        ax.legend(loc="best", framealpha=0.6)
     ax.set_xticks(range(len(groups)), list(groups))
     ax.set_ylabel("test accuracy (%)")
     ax.set_title(title("Test accuracy per framework (dots: seeds; bar: mean; whisker: 95% CI)", synthetic), fontsize=9)
@@ -110,9 +110,21 @@ def ablation_bars(rows: list[dict], path: Path, synthetic: bool, gap: float | No
     return _save(fig, path)
 
 
+def short_labels(labels: Sequence[str], n: int, width: int = 14) -> list[str]:
+    """Tick labels: the words every label shares ('synthetic ...') dropped, then cut."""
+    if not labels or len(labels) != n:
+        return [str(i) for i in range(n)]
+    words = [str(l).split() for l in labels]
+    common = 0
+    while all(len(w) > common + 1 and w[common] == words[0][common] for w in words):
+        common += 1
+    return [f"{i}:" + " ".join(w[common:])[:width] for i, w in enumerate(words)]
+
+
 def confusion_matrices(matrices: dict[str, np.ndarray], labels: Sequence[str], path: Path, synthetic: bool) -> Path:
     """Row-normalised confusion matrices (true class per row), summed over seeds."""
-    fig, axes = plt.subplots(1, len(matrices), figsize=(4.2 * len(matrices), 4.2), squeeze=False)
+    fig, axes = plt.subplots(1, len(matrices), figsize=(4.4 * len(matrices), 4.6), squeeze=False, layout="constrained")
+    short = short_labels(labels, len(next(iter(matrices.values()))))
     for ax, (fw, m) in zip(axes[0], matrices.items()):
         m = np.asarray(m, np.float64)
         rows = m.sum(axis=1, keepdims=True)
@@ -121,7 +133,6 @@ def confusion_matrices(matrices: dict[str, np.ndarray], labels: Sequence[str], p
         for (i, j), v in np.ndenumerate(norm):
             ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=7, color="white" if v > 0.5 else "black")
         ticks = range(len(m))
-        short = [str(l)[:10] for l in labels] if labels else [str(i) for i in ticks]
         ax.set_xticks(ticks, short, rotation=60, fontsize=7)
         ax.set_yticks(ticks, short, fontsize=7)
         ax.set_xlabel("predicted")

@@ -45,9 +45,11 @@ class Probe:
     y: np.ndarray  # labels (N,)
     weights: dict  # canonical weights every framework imports
     trajectory: list  # [(x, y)] fixed batch sequence for the trajectory stage
-    reference_path: list  # canonical weights before each trajectory step, from the reference framework
     learning_rate: float
     seed: int
+    # canonical weights before each trajectory step: the reference framework's free run,
+    # filled in by the Triangulator (which owns the models)
+    reference_path: list | None = None
 
 
 @dataclass(frozen=True)

@@ -444,18 +444,6 @@ def _atomic_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
     os.replace(tmp, path)
 
 
-def save_canonical_weights(path: Path, weights: dict[str, np.ndarray], spec: ModelSpec) -> None:
-    """What arbiter.weights.save_weights writes (loadable by its load_weights). Written
-    here because save_weights hands np.savez a temporary name without '.npz', so numpy
-    writes to '<name>.npz' and an empty file is renamed into place."""
-    from arbiter import weights as w
-
-    w.check_weights(weights, spec)
-    arrays = {name: np.asarray(weights[name], np.float32) for name in weights}
-    arrays[w._SPEC_KEY] = np.frombuffer(json.dumps(spec.to_dict()).encode(), dtype=np.uint8)
-    _atomic_npz(path, arrays)
-
-
 def cross_entropy(labels: np.ndarray, probs: np.ndarray) -> float:
     p = np.clip(probs[np.arange(len(labels)), labels], 1e-12, 1.0)
     return float(-np.mean(np.log(p)))
@@ -464,6 +452,8 @@ def cross_entropy(labels: np.ndarray, probs: np.ndarray) -> float:
 def final_metrics(training, adapter, model, data: Dataset, config: TrainConfig, run_dir: Path, history: list[dict]) -> dict:
     """MedMNIST metrics of the checkpoint chosen by validation loss (the model `fit`
     returned holds it), on val and test; saves its canonical weights and predictions."""
+    from arbiter.weights import save_weights
+
     out: dict[str, Any] = {}
     arrays = {}
     for split in ("val", "test"):
@@ -475,7 +465,7 @@ def final_metrics(training, adapter, model, data: Dataset, config: TrainConfig, 
         arrays[f"{split}_probs"] = probs.astype(np.float32)
         arrays[f"{split}_labels"] = labels
     _atomic_npz(run_dir / "predictions.npz", arrays)
-    save_canonical_weights(run_dir / "weights.npz", adapter.export_weights(model), config.spec)
+    save_weights(run_dir / "weights.npz", adapter.export_weights(model), config.spec)
     best = min(history, key=lambda r: (r["val_loss"], r["epoch"])) if history else {"epoch": 0}
     out["best_epoch"] = int(best["epoch"])
     out["epochs"] = len(history)

@@ -21,7 +21,7 @@ import numpy as np
 
 from arbiter.compare import AGREE, DEVIATES, pair_error, pair_key, pairs, roundoff_mask, verdict
 from arbiter.knobs import Knobs, knob_scope
-from arbiter.stages import ROUNDOFF_REFERENCE, STAGES, Probe, Stage
+from arbiter.stages import ROUNDOFF_REFERENCE, STAGES, Probe, Stage, reference_path
 from arbiter.spec import ModelSpec
 
 
@@ -118,6 +118,11 @@ class Triangulator:
         self.log = log
         self._outputs: dict = {}
         self._models: dict = {}
+        if probe is not None and probe.reference_path is None and any(s.name == "trajectory" for s in stages):
+            # built through the model cache, so the trajectory stage reuses this model (and
+            # whatever the framework compiled for it)
+            model = self._model_factory(reference, knobs[reference])()
+            probe.reference_path = reference_path(adapters[reference], model, probe.learning_rate, probe.trajectory)
 
     # -- computing --------------------------------------------------------------------------
     def _model_factory(self, fw: str, knobs: Knobs):

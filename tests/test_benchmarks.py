@@ -153,3 +153,29 @@ def test_an_oversized_point_is_skipped_with_a_reason(bench):
             "timing": {"warmup_s": 0.0, "min_sample_s": 0.0}}
     records = bench.run_point(section, bench.Point(64, 32, 64), plan, None)
     assert records and all(r["status"].startswith("skipped: output") for r in records)
+
+
+def test_rounds_pool_samples_and_keep_the_worst_status(bench):
+    section = _NumpySection(bench)
+    plan = {"tolerance": 1e-4, "max_output_mb": 64, "repeats": 3, "matmul_size": 64,
+            "timing": {"warmup_s": 0.0, "min_sample_s": 0.0}}
+    mm = bench.common.Timer(section.matmul(64), warmup_s=0.0, min_sample_s=0.0)
+    mm.warm_up()
+    rounds = [bench.run_point(section, bench.Point(2, 8, 16), plan, mm) for _ in range(2)]
+    # a second round where the 'correct' formulation went wrong must not be averaged away
+    rounds[1] = [{**r, "status": "mismatch", "max_abs_diff": 0.5} if r["formulation"] == "correct" else r for r in rounds[1]]
+    merged = {r["formulation"]: r for r in bench.merge_rounds(rounds[0] + rounds[1], 64)}
+    assert merged["correct"]["status"] == "mismatch" and merged["correct"]["max_abs_diff"] == 0.5
+    clean = {r["formulation"]: r for r in bench.merge_rounds(rounds[0] + rounds[0], 64)}
+    assert clean["correct"]["status"] == "ok" and clean["correct"]["repeats"] == 6 and clean["correct"]["rounds"] == 2
+
+
+def test_interleaved_samples_summarise_every_candidate(bench):
+    # the summary other benchmark scripts (train_step.py) read: median and IQR per name
+    timers = {name: bench.common.Timer(lambda: sum(range(100)), warmup_s=0.0, min_sample_s=0.0) for name in ("a", "b")}
+    for t in timers.values():
+        t.warm_up()
+    stats = bench.common.interleaved_samples(timers, 3)
+    assert set(stats) == {"a", "b"}
+    for st in stats.values():
+        assert st["n"] == 3 and 0 < st["min"] <= st["median"] <= st["max"] and st["iqr"] >= 0

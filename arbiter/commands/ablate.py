@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from collections import Counter
 from pathlib import Path
 
@@ -19,7 +20,7 @@ from arbiter.commands.compare import add_sweep_arguments, command_line, default_
 from arbiter.commands.train import add_preset_arguments, add_schedule_arguments, config_from_args, knobs_for
 from arbiter.data import add_data_arguments
 from arbiter.frameworks import FRAMEWORK_KEYS
-from arbiter.knobs import KNOB_NAMES, Knobs
+from arbiter.knobs import KNOB_NAMES, Knobs, show_value
 
 NAME = "ablate"
 HELP = "move one framework's knobs toward another's (or the majority's), retrain, and attribute the accuracy gap"
@@ -108,8 +109,8 @@ def analyse(db: Path, framework: str, moved: list[str], groups: dict[str, list[s
         w = stats.welch(single, base_acc, f"+{k}", "baseline") if single and base_acc else None
         rows.append({
             "knob": k,
-            "from": _show(getattr(base, k)),
-            "to": _show(getattr(target, k)),
+            "from": show_value(getattr(base, k)),
+            "to": show_value(getattr(target, k)),
             "single": 100 * (stats.mean(single) - stats.mean(base_acc)) if single and base_acc else None,
             "single_sd": 100 * np.sqrt(stats.std(single) ** 2 / max(len(single), 1) + stats.std(base_acc) ** 2 / max(len(base_acc), 1))
             if single and base_acc else None,
@@ -134,12 +135,6 @@ def analyse(db: Path, framework: str, moved: list[str], groups: dict[str, list[s
         "runs": {name: [{"run_id": r.run_id, "seed": r.seed, "test_acc": r.test_acc} for r in d["rows"]] for name, d in data.items()},
         "missing": {name: d["missing"] for name, d in data.items() if d["missing"]},
     }
-
-
-def _show(v) -> str:
-    if isinstance(v, tuple):
-        return "(" + ", ".join(f"{x:g}" for x in v) + ")"
-    return f"{v:g}" if isinstance(v, float) else str(v)
 
 
 def _fmt(x, spec="+.2f") -> str:
@@ -200,6 +195,8 @@ def write_report(result: dict, out: Path, command: str, settings: dict) -> None:
         ablation_table(result),
         "",
     ]
+    if settings.get("equal"):
+        md += [f"Asked for but already equal to the target (not moved): {', '.join(settings['equal'])}", ""]
     if settings.get("tied"):
         md += [f"Knobs with no majority value (not moved): {', '.join(settings['tied'])}", ""]
     if result["missing"]:
@@ -234,6 +231,9 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(str(err)) from None
     if not moved:
         raise UsageError(f"{fw}'s knobs already equal the target's" + (f" on {', '.join(only)}" if only else ""))
+    equal = [k for k in (only or []) if k not in moved]  # asked for, but nothing to move
+    if equal:
+        print(f"arbiter ablate: {fw} already has the target's value of {', '.join(equal)}: not moved", file=sys.stderr)
     data = dataset_from_args(args)
     out = default_out(args, f"ablate-{fw}")
     seeds = list(range(args.seed_start, args.seed_start + args.seeds))
@@ -253,7 +253,7 @@ def run(args: argparse.Namespace) -> int:
     result = analyse(args.db, fw, moved, groups, reference, base, target)
     result["statuses"] = statuses
     settings = {"toward": args.toward, "epochs": args.epochs, "batch_size": args.batch_size, "learning_rate": args.lr,
-                "seeds": seeds, "preset": args.preset, "overrides": args.overrides, "tied": tied, "moved": moved,
+                "seeds": seeds, "preset": args.preset, "overrides": args.overrides, "tied": tied, "moved": moved, "equal": equal,
                 "reference_frameworks": reference_fws}
     write_report(result, out, command_line("ablate"), settings)
     print((out / "report.md").read_text())

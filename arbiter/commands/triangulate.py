@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import os
 import time
 from pathlib import Path
 
@@ -79,6 +80,7 @@ def build_report(args, data, triangulator, outcomes, missing, seconds) -> dict:
         "versions": {fw: envs[fw].get("versions", {}) for fw in frameworks},
         "device": {fw: envs[fw].get("device") for fw in frameworks},
         "environment": envs,
+        "process": {"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS")},
         "stages": [o.to_dict(frameworks) for o in outcomes],
         "findings": summarize(outcomes),
         "not_testable": outcomes[0].not_testable if outcomes else [],
@@ -113,7 +115,9 @@ def run(args) -> int:
         if value < 1:
             raise UsageError(f"{name} must be at least 1, got {value}")
     data = data_mod.dataset_from_args(args)
+    t_data = time.perf_counter()
     adapters, missing = load_adapters(frameworks, args.device)
+    t_frameworks = time.perf_counter()
     if not adapters:
         raise UsageError("no framework is available: " + "; ".join(missing.values()))
     knobs = {fw: knobs[fw] for fw in adapters}
@@ -124,11 +128,18 @@ def run(args) -> int:
         console.print(f"[yellow]{fw} unavailable ({why}); continuing with {', '.join(adapters)}[/yellow]")
     with console.status("preparing the shared probe batch"):
         probe = make_probe(data, adapters, knobs, reference, args.seed, args.batch_size, args.steps, args.lr)
-    tri = Triangulator(adapters, knobs, probe, spec_for(data), reference, stages)
+        tri = Triangulator(adapters, knobs, probe, spec_for(data), reference, stages)
+    t_probe = time.perf_counter()
     with console.status("") as status:
         tri.log = lambda message: status.update(message)
         outcomes = tri.run()
     report = build_report(args, data, tri, outcomes, missing, time.perf_counter() - t0)
+    report["timing"] = {
+        "data_s": round(t_data - t0, 2),
+        "framework_imports_s": round(t_frameworks - t_data, 2),
+        "probe_s": round(t_probe - t_frameworks, 2),
+        "stages_s": {o.stage.name: round(o.seconds, 2) for o in outcomes},
+    }
     out = args.out or Path("runs") / f"triangulate-{dt.datetime.now():%Y%m%d-%H%M%S}"
     write_report(report, out)
     print_table(report)
