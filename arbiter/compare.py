@@ -20,6 +20,10 @@ class Tolerance:
     atol: float
     rtol: float
     reason: str
+    # 'element': rtol scales each element's own magnitude (numpy's allclose);
+    # 'tensor': rtol scales the tensor's largest magnitude, for sums whose small elements
+    # are cancellations (gradients)
+    relative_to: str = "element"
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -44,7 +48,7 @@ class PairError:
 # round-off, not signal: Adam's first steps (m_hat / sqrt(v_hat) ~ sign(g)) turn such noise
 # into updates of up to +-lr, so those elements are excluded from the step comparisons and
 # counted instead.
-ROUNDOFF_RELATIVE = 1e-3
+ROUNDOFF_RELATIVE = 1e-4
 
 
 def roundoff_mask(grad_a: np.ndarray, grad_b: np.ndarray) -> np.ndarray:
@@ -66,6 +70,8 @@ def pair_error(a: np.ndarray, b: np.ndarray, tol: Tolerance, exclude: np.ndarray
         return PairError(0.0, 0.0, 0.0, excluded)
     diff = np.abs(a - b)
     scale = np.maximum(np.abs(a), np.abs(b))
+    if tol.relative_to == "tensor":
+        scale = np.full_like(scale, scale.max())
     with np.errstate(divide="ignore", invalid="ignore"):
         rel = np.where(scale > 0, diff / scale, 0.0)
         excess = diff / (tol.atol + tol.rtol * scale)

@@ -17,9 +17,13 @@ def _fmt(x: float) -> str:
 
 
 def explanation_text(stage: dict) -> str:
-    if stage["verdict"] == AGREE:
-        return ""
     parts = []
+    event = stage.get("roundoff_event")
+    if event:
+        parts.append(f"round-off event on the first batch ({event['deviator'] or event['verdict']} at {event['first_tensor']}), "
+                     "not reproduced on an independent batch")
+    if stage["verdict"] == AGREE:
+        return "; ".join(parts)
     by_fw: dict[str, list[str]] = {}
     for m in stage["explained_by"]:
         by_fw.setdefault(m["framework"], []).append(f"{m['knob']} ({show_value(m['from'])} vs {show_value(m['to'])})")

@@ -91,7 +91,7 @@ def check_plant(tri, plant: Plant, base: Knobs) -> dict:
     for stage in tri.stages[: last_needed + 1]:
         o = tri.run_stage(stage, knobs, known)
         known += o.explained_by
-        if o.judgement.verdict == AGREE:
+        if o.verdict == AGREE:
             continue
         if len(expected) == 1 and o.judgement.verdict != DEVIATES:
             problems.append(f"{stage.name}: verdict {o.judgement.verdict}, expected deviates")
@@ -128,6 +128,6 @@ def check_no_false_alarm(tri, base: Knobs) -> dict:
     bad = []
     for stage in tri.stages:
         o = tri.run_stage(stage, knobs)
-        if o.judgement.verdict != AGREE:
+        if o.verdict != AGREE:
             bad.append(f"{stage.name}: {o.judgement.verdict} (first tensor {o.judgement.first_tensor(o.judgement.deviator)})")
     return {"plant": "none (aligned)", "expected": {}, "found": {}, "ok": not bad, "problems": bad}

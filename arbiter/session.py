@@ -9,7 +9,7 @@ import numpy as np
 from arbiter.frameworks import FRAMEWORK_KEYS, load_adapter
 from arbiter.knobs import NATIVE_PRESET, KnobError, Knobs, parse_override, preset
 from arbiter.spec import ModelSpec
-from arbiter.stages import Probe
+from arbiter.stages import RELU_MARGIN, Probe
 from arbiter.weights import probe_weights
 from impls.base import FrameworkUnavailable
 
@@ -64,12 +64,13 @@ def reference_framework(frameworks) -> str:
 
 
 def make_probe(data, adapters: dict, knobs: dict[str, Knobs], reference: str, seed: int, batch_size: int,
-               steps: int, learning_rate: float) -> Probe:
+               steps: int, learning_rate: float, replicate: int = 0) -> Probe:
+    """The shared inputs. `replicate` > 0 draws independent batches (same weights)."""
     spec = spec_for(data)
     n_train = len(data.labels["train"])
     if batch_size > n_train:
         raise KnobError(f"--batch-size {batch_size} exceeds the {n_train} training images")
-    rng = np.random.default_rng(seed)
+    rng = np.random.default_rng([seed, replicate])
     order = rng.permutation(n_train)
     # batch 0 is the probe batch; batches 1..steps form the trajectory
     batches = [order[(i * batch_size) % n_train:][:batch_size] for i in range(steps + 1)]
@@ -84,7 +85,9 @@ def make_probe(data, adapters: dict, knobs: dict[str, Knobs], reference: str, se
         x=model_input(batches[0]),
         y=data.labels["train"][batches[0]],
         weights=probe_weights(spec, seed),
+        step_weights=probe_weights(spec, seed, RELU_MARGIN),
         trajectory=[(model_input(b), data.labels["train"][b]) for b in batches[1:]],
         learning_rate=learning_rate,
         seed=seed,
+        make_replicate=lambda: make_probe(data, adapters, knobs, reference, seed, batch_size, steps, learning_rate, replicate + 1),
     )

@@ -26,6 +26,12 @@ BN_UPDATE_KNOBS = ("bn_momentum", "bn_running_var")
 OPTIMIZER_KNOBS = ("adam_epsilon", "adam_epsilon_placement")
 PLATEAU_KNOBS = ("plateau_patience", "plateau_counting", "plateau_threshold_mode", "plateau_min_delta", "plateau_factor", "plateau_cooldown")
 
+# In the stages that differentiate (loss, gradients, adam-step, trajectory) the BN biases
+# of the probe weights sit this many standard deviations above zero, so few ReLU inputs
+# fall within float32 round-off of the kink (see arbiter.weights.probe_weights). The
+# forward stages keep unshifted weights, whose activations stay O(1) in eval mode.
+RELU_MARGIN = 2.0
+
 # A scripted validation-loss sequence on which every plateau knob changes the outcome
 # (Keras semantics, patience 10: reductions after epochs 13, 23, 33). The drop 0.1 -> 0.095
 # is an improvement for min_delta 1e-4 but not 1e-2; the drop 0.095 -> 0.09495 (5e-5) is
@@ -43,13 +49,17 @@ class Probe:
     indices: np.ndarray  # the batch, as indices into the train split
     x: np.ndarray  # model input (N, H, W, 1), from the reference framework's pipeline
     y: np.ndarray  # labels (N,)
-    weights: dict  # canonical weights every framework imports
+    weights: dict  # canonical weights every framework imports (forward stages)
+    step_weights: dict  # the same with BN biases RELU_MARGIN up, for the differentiating stages
     trajectory: list  # [(x, y)] fixed batch sequence for the trajectory stage
     learning_rate: float
     seed: int
     # canonical weights before each trajectory step: the reference framework's free run,
     # filled in by the Triangulator (which owns the models)
     reference_path: list | None = None
+    # builds a replicate probe on independent batches (same weights): a deviation that
+    # does not reproduce there is a round-off event, not a convention
+    make_replicate: Callable[[], "Probe"] | None = None
 
 
 @dataclass(frozen=True)
@@ -87,14 +97,15 @@ def _saturated(weights: dict) -> dict:
 
 
 def _loss(adapter, new_model, knobs, probe):
-    loss, _ = adapter.loss_and_grads(new_model(), probe.x, probe.y)
-    saturated, _ = adapter.loss_and_grads(new_model(_saturated(probe.weights)), probe.x, probe.y)
+    loss, _ = adapter.loss_and_grads(new_model(probe.step_weights), probe.x, probe.y)
+    saturated, _ = adapter.loss_and_grads(new_model(_saturated(probe.step_weights)), probe.x, probe.y)
     return {"loss": np.float64(loss), "loss.saturated-head": np.float64(saturated)}
 
 
 def _gradients(adapter, new_model, knobs, probe):
-    _, grads = adapter.loss_and_grads(new_model(), probe.x, probe.y)
-    return {f"grad/{n}": grads[n] for n in weight_shapes(new_model().spec) if is_trainable(n)}
+    model = new_model(probe.step_weights)
+    _, grads = adapter.loss_and_grads(model, probe.x, probe.y)
+    return {f"grad/{n}": grads[n] for n in weight_shapes(model.spec) if is_trainable(n)}
 
 
 def _state_after_step(adapter, model, optimizer, x, y, prefix: str = "") -> dict:
@@ -109,7 +120,7 @@ def _state_after_step(adapter, model, optimizer, x, y, prefix: str = "") -> dict
 
 
 # Tensors under this prefix are not judged. They hold each framework's Adam first moment
-# after the step: where two frameworks' moments differ by more than 0.1%
+# after the step: where two frameworks' moments differ by more than 0.01%
 # (arbiter.compare.roundoff_mask), the gradient history of that element is round-off
 # (a gradient near zero, or a ReLU kink within round-off of zero), Adam's normalisation
 # (m_hat / sqrt(v_hat) ~ sign(g)) turns it into updates of up to +-lr, and the element is
@@ -119,7 +130,7 @@ ROUNDOFF_REFERENCE = "roundoff-reference/"
 
 
 def _adam_step(adapter, new_model, knobs, probe):
-    model = new_model()
+    model = new_model(probe.step_weights)
     optimizer = adapter.make_optimizer(model, probe.learning_rate)
     out = _state_after_step(adapter, model, optimizer, probe.x, probe.y)
     out.update({k: v for k, v in adapter.optimizer_state(optimizer).items() if k != "step"})
@@ -129,13 +140,13 @@ def _adam_step(adapter, new_model, knobs, probe):
 def _trajectory(adapter, new_model, knobs, probe):
     """K steps along the shared reference path: before step t every framework loads the
     same parameters and BN statistics (the reference framework's after t-1 steps) and keeps
-    its own Adam state. Free-running copies would diverge chaotically — round-off gradients
+    its own Adam state. The path starts from the probe's step weights. Free-running copies would diverge chaotically — round-off gradients
     flip Adam updates by +-lr and the flips compound (measured here: 1.5e-3 after 2 steps,
     4e-2 after 20, under the aligned preset) — which would hide every real difference.
     A pre-activation within round-off of a ReLU kink flips one element's gradient and, through
     BatchNorm, a whole channel's (seen here at one step in six); the round-off mask excludes
     those elements while their Adam moments still differ."""
-    model = new_model()
+    model = new_model(probe.step_weights)
     optimizer = adapter.make_optimizer(model, probe.learning_rate)
     out = {}
     for t, ((x, y), start) in enumerate(zip(probe.trajectory, probe.reference_path), start=1):
@@ -209,14 +220,14 @@ STAGES: tuple[Stage, ...] = (
         "gradients",
         "gradient of every trainable tensor",
         MODEL_KNOBS + ("loss",),
-        Tolerance(1e-6, 1e-3, "backward float32 round-off; atol 1e-6 covers near-cancelling sums"),
+        Tolerance(1e-7, 3e-3, "relative to each tensor's largest gradient: backward sums in float32 cancel, and a ReLU input within round-off of zero moves a few gradients (measured <= 8e-4 with the probe's ReLU margin)", "tensor"),
         _gradients,
     ),
     Stage(
         "adam-step",
         "one Adam step: parameters, BN running statistics, Adam moments",
         MODEL_KNOBS + ("loss",) + BN_UPDATE_KNOBS + OPTIMIZER_KNOBS,
-        Tolerance(1e-6, 1e-6, "updates of ~lr=1e-3 and BN statistics in float32 agree to ~1e-7; elements whose Adam moment is round-off (differs by >0.1% between frameworks) are excluded and counted"),
+        Tolerance(1e-6, 1e-6, "updates of ~lr=1e-3 and BN statistics in float32 agree to ~1e-7; elements whose Adam moment is round-off (differs by >0.01% between frameworks) are excluded and counted"),
         _adam_step,
     ),
     Stage(

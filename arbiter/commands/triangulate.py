@@ -144,6 +144,6 @@ def run(args) -> int:
     write_report(report, out)
     print_table(report)
     Console().print(f"report: {out}/report.md, {out}/report.json, {out}/forward_errors.png ({report['seconds']:.1f} s)")
-    if args.fail_on_deviation and any(o.judgement.verdict != AGREE for o in outcomes):
+    if args.fail_on_deviation and any(o.verdict != AGREE for o in outcomes):
         return 1
     return 0
