@@ -67,10 +67,10 @@ def print_table(report: dict, console: Console | None = None) -> None:
         console.print("• " + finding_sentence(f))
     if report["not_testable"]:
         console.print("not testable on transferred weights (training-only knobs that differ): " + ", ".join(report["not_testable"]))
-    if report.get("missing_frameworks"):
-        for fw, why in report["missing_frameworks"].items():
-            console.print(f"[yellow]{fw} unavailable: {why}[/yellow]")
-        console.print("[yellow]fewer than three frameworks: pairwise differences only, no majority verdict possible[/yellow]")
+    for fw, why in report.get("missing_frameworks", {}).items():
+        console.print(f"[yellow]{fw} unavailable: {why}[/yellow]")
+    if len(frameworks) < 3:
+        console.print("[yellow]fewer than three frameworks: pairwise differences only, no majority verdict is possible[/yellow]")
 
 
 def write_markdown(report: dict, path: Path) -> None:

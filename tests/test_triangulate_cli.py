@@ -85,6 +85,19 @@ def test_two_frameworks_report_pairwise_only(tmp_path):
     assert "no majority verdict is possible" in proc.stdout
 
 
+def test_missing_framework_is_reported_not_fatal(tmp_path):
+    # tensorflow made unimportable in the child process: the other two still run
+    code = (
+        "import sys; sys.modules['tensorflow'] = None; from arbiter.cli import main; "
+        f"sys.exit(main(['triangulate', '--dataset', 'synthetic', '--stages', 'forward-eval', '--out', {str(tmp_path)!r}]))"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["frameworks"] == ["torch", "flax"] and "tf" in report["missing_frameworks"]
+    assert "tf unavailable" in proc.stdout and "no majority verdict is possible" in proc.stdout
+
+
 @pytest.mark.parametrize(
     "args, message",
     [
