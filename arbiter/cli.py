@@ -61,6 +61,10 @@ def main(argv: list[str] | None = None) -> int:
     from arbiter.knobs import KnobError, KnobNotSupported
     from impls.base import DeviceUnavailable, FrameworkUnavailable
 
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["triangulate"] and "--train" in argv:
+        # the spelling of the training comparison: `triangulate --train` is `compare`
+        argv = ["compare"] + [a for a in argv[1:] if a != "--train"]
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

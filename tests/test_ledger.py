@@ -82,6 +82,21 @@ def test_resume_takes_over_a_dead_run_and_drops_epochs_past_its_checkpoint(tmp_p
         assert [e["epoch"] for e in ledger.epochs("r1")] == [1, 2]
 
 
+def test_a_killed_but_unreaped_process_counts_as_dead():
+    from arbiter.ledger import pid_alive
+
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    stat = Path(f"/proc/{child.pid}/stat")
+    deadline = time.time() + 30
+    while stat.read_text().rsplit(")", 1)[1].split()[0] != "Z":  # exited, not yet waited for: a zombie
+        assert time.time() < deadline
+        time.sleep(0.01)
+    try:
+        assert not pid_alive(child.pid) and pid_alive(os.getpid())
+    finally:
+        child.wait()
+
+
 def test_a_live_run_is_not_taken_over(tmp_path):
     with Ledger(tmp_path / "l.db") as ledger:
         _start(ledger, "r1")

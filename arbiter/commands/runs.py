@@ -27,6 +27,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--epochs", action="store_true", help="with --json: include per-epoch metrics")
 
 
+def knobs_label(framework: str, settings: dict) -> str:
+    """'native', another preset's name, or native plus the knobs that differ from it."""
+    from arbiter.knobs import NATIVE_PRESET, PRESETS, Knobs, KnobError, show_value
+
+    try:
+        knobs = Knobs.from_dict(settings)
+    except (KnobError, TypeError):
+        return "?"
+    native = PRESETS.get(NATIVE_PRESET.get(framework, ""))
+    if native == knobs:
+        return "native"
+    named = [name for name, preset in PRESETS.items() if preset == knobs]
+    if named:
+        return named[0]
+    diff = native.differences(knobs) if native is not None else []
+    return "native + " + ", ".join(f"{k}={show_value(getattr(knobs, k))}" for k in diff)
+
+
 def run(args: argparse.Namespace) -> int:
     from arbiter.cli import UsageError
     from arbiter.ledger import Ledger
@@ -51,22 +69,20 @@ def run(args: argparse.Namespace) -> int:
     from rich.table import Table
 
     table = Table(title=f"arbiter runs ({args.db})")
-    for col in ("run", "framework", "seed", "preset/knobs", "data", "status", "epochs", "best", "test acc", "test auc", "time", "started"):
+    for col in ("run", "framework", "seed", "knobs", "data", "status", "epochs", "best", "test acc", "test auc", "time", "started"):
         table.add_column(col, overflow="fold")
     for r in rows:
         status = "stale" if r.run_id in stale else r.status
-        knobs = r.settings.get("knobs", {})
-        tags = []
+        tags = [knobs_label(r.framework, r.settings.get("knobs", {}))]
         if r.settings.get("freeze_all_but_head"):
             tags.append("head-only")
         if r.settings.get("init_weights_md5"):
             tags.append("transferred")
-        shuffle = knobs.get("shuffle", "?")
         table.add_row(
             r.run_id,
             r.framework,
             str(r.seed),
-            " ".join([f"shuffle={shuffle}", *tags]),
+            " ".join(tags),
             r.dataset + (" (SYNTHETIC)" if r.synthetic else ""),
             status,
             f"{r.epochs_done}/{r.settings.get('epochs', '?')}",

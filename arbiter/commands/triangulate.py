@@ -58,6 +58,9 @@ def add_arguments(parser):
     parser.add_argument("--device", choices=("auto", "cpu", "gpu"), default="auto", help="device (default: accelerator if present)")
     parser.add_argument("--out", type=Path, default=None, help="output folder (default: runs/triangulate-<timestamp>)")
     parser.add_argument("--fail-on-deviation", action="store_true", help="exit 1 if any stage does not agree")
+    parser.add_argument("--train", action="store_true",
+                        help="instead of the numerical stages, train seeds x frameworks and compare test accuracy: "
+                        "the same as `python -m arbiter compare` and takes its options (see `compare --help`)")
 
 
 def build_report(args, data, triangulator, outcomes, missing, seconds) -> dict:

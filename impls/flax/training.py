@@ -100,7 +100,9 @@ def make_eval_step(net, config: TrainConfig):
 
 
 def _eval(adapter, model: Model, data: Dataset, split: str, config: TrainConfig):
-    step = model.extras.setdefault("eval_step", make_eval_step(model.net, config))
+    if "eval_step" not in model.extras:
+        model.extras["eval_step"] = make_eval_step(model.net, config)
+    step = model.extras["eval_step"]
     # one batch shape for every evaluation (val and test), so one compilation
     size = min(config.eval_batch_size, max(len(data.labels[s]) for s in ("val", "test")))
     total, correct, n, probs = 0.0, 0, 0, []
