@@ -853,7 +853,7 @@ def markdown(result: dict) -> str:
         f"- device: {cfg['device']}; CPU: {env['cpu_model']} x {env['cpu_count']} (usable {env['cpus_usable']})"
         + (f", workers pinned to CPUs {cfg['cpus']}" if cfg.get("cpus") else "")
         + f"; load average at start: {', '.join(f'{x:.1f}' for x in env['load_average'] or ())}",
-        f"- packages: " + ", ".join(f"{k} {v}" for k, v in env["packages"].items() if v),
+        "- packages: " + ", ".join(f"{k} {v}" for k, v in env["packages"].items() if v),
         f"- allocator: {cfg['allocator']}; repeats: {cfg['repeats']} per round (round-robin per framework), rounds: {cfg.get('rounds', 1)}; tolerance: {cfg['tolerance']:g} max abs diff vs float64 numpy",
         f"- ceiling: float32 {ceil['matmul_size']}x{ceil['matmul_size']} matmul, best worker median = "
         + (f"{ceil['gflops']:.1f} GFLOP/s" if ceil["gflops"] else "n/a")

@@ -122,7 +122,7 @@ def test_child_command_line_reproduces_the_configuration(npz):
 def test_torch_scheduler_follows_the_adapters_plateau_schedule():
     torch = pytest.importorskip("torch")
     from impls.torch.adapter import Adapter
-    from impls.torch.training import make_scheduler
+    from impls.torch.adapter import make_plateau_scheduler as make_scheduler
 
     losses = [1.0, 0.9, 0.9, 0.95, 0.91, 0.9, 0.89995, 0.95, 0.96, 0.97, 0.8, 0.81, 0.82, 0.83]
     for knobs in (PRESETS["tf-native"].replace(plateau_patience=2, plateau_cooldown=2),

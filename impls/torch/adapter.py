@@ -162,34 +162,8 @@ class Adapter(base.Adapter):
         return state
 
     def plateau_schedule(self, val_losses: Sequence[float], learning_rate: float, knobs: Knobs) -> list[float]:
-        """torch's scheduler reduces when num_bad_epochs > patience; Keras's callback
-        (the 'keras' counting) when its count reaches patience, i.e. one epoch earlier:
-        torch's patience - 1. Cooldown: torch ignores exactly `cooldown` epochs after a
-        reduction; Keras decrements its cooldown counter BEFORE testing it, so it ignores
-        only cooldown - 1 (cooldown 1 ignores none). Keras's semantics are the shared
-        reference, so torch is given max(cooldown - 1, 0). min_lr 0 and eps 0: every
-        reduction is applied, as in Keras."""
-        patience = knobs.plateau_patience - (1 if knobs.plateau_counting == "keras" else 0)
-        if patience < 0:
-            raise KnobNotSupported(
-                self.name,
-                "plateau_patience",
-                knobs.plateau_patience,
-                "Keras counting with patience 0 reduces on every non-improving epoch; torch's "
-                "ReduceLROnPlateau would need patience -1, which also reduces on improving ones",
-            )
         dummy = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=learning_rate)
-        scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
-            dummy,
-            mode="min",
-            factor=knobs.plateau_factor,
-            patience=patience,
-            threshold=knobs.plateau_min_delta,
-            threshold_mode=knobs.plateau_threshold_mode,
-            cooldown=max(knobs.plateau_cooldown - 1, 0),
-            min_lr=0.0,
-            eps=0.0,
-        )
+        scheduler = make_plateau_scheduler(dummy, knobs)
         lrs = []
         for loss in val_losses:
             scheduler.step(float(loss))
@@ -300,3 +274,35 @@ def _recording(net: nn.Module) -> Iterator[dict[str, torch.Tensor]]:
     finally:
         for h in handles:
             h.remove()
+
+
+def make_plateau_scheduler(optimizer: torch.optim.Optimizer, knobs: Knobs) -> torch.optim.lr_scheduler.ReduceLROnPlateau:
+    """torch's own ReduceLROnPlateau honouring the plateau knobs, with Keras's callback as
+    the shared reference semantics (used by plateau_schedule and by training).
+
+    torch's scheduler reduces when num_bad_epochs > patience; Keras's callback (the 'keras'
+    counting) when its count reaches patience, i.e. one epoch earlier: torch's patience - 1.
+    Cooldown: torch ignores exactly `cooldown` epochs after a reduction; Keras decrements its
+    cooldown counter BEFORE testing it, so it ignores only cooldown - 1 (cooldown 1 ignores
+    none): torch is given max(cooldown - 1, 0). min_lr 0 and eps 0: every reduction is
+    applied, as in Keras."""
+    patience = knobs.plateau_patience - (1 if knobs.plateau_counting == "keras" else 0)
+    if patience < 0:
+        raise KnobNotSupported(
+            "torch",
+            "plateau_patience",
+            knobs.plateau_patience,
+            "Keras counting with patience 0 reduces on every non-improving epoch; torch's "
+            "ReduceLROnPlateau would need patience -1, which also reduces on improving ones",
+        )
+    return torch.optim.lr_scheduler.ReduceLROnPlateau(
+        optimizer,
+        mode="min",
+        factor=knobs.plateau_factor,
+        patience=patience,
+        threshold=knobs.plateau_min_delta,
+        threshold_mode=knobs.plateau_threshold_mode,
+        cooldown=max(knobs.plateau_cooldown - 1, 0),
+        min_lr=0.0,
+        eps=0.0,
+    )

@@ -16,7 +16,6 @@ import numpy as np
 import torch
 
 from arbiter.data import Dataset
-from arbiter.knobs import Knobs, KnobNotSupported
 from arbiter.train import (
     EpochRecord,
     Progress,
@@ -33,7 +32,7 @@ from arbiter.train import (
 from impls.base import Model
 
 from . import pipeline
-from .adapter import cross_entropy
+from .adapter import cross_entropy, make_plateau_scheduler
 
 CHECKPOINT = "checkpoint.pt"
 BEST = "model.pt"
@@ -53,27 +52,6 @@ def set_determinism(seed: int) -> dict:
         "DataLoader": "num_workers=0; RandomSampler and flips on explicitly seeded torch.Generators",
         "threads": torch.get_num_threads(),
     }
-
-
-def make_scheduler(optimizer: torch.optim.Optimizer, knobs: Knobs) -> torch.optim.lr_scheduler.ReduceLROnPlateau:
-    """torch's ReduceLROnPlateau with the plateau knobs mapped as `Adapter.plateau_schedule`
-    maps them (Keras's counting is torch's patience - 1, Keras's cooldown c is torch's
-    c - 1); tests pin the two to the same learning-rate sequence."""
-    patience = knobs.plateau_patience - (1 if knobs.plateau_counting == "keras" else 0)
-    if patience < 0:
-        raise KnobNotSupported("torch", "plateau_patience", knobs.plateau_patience,
-                               "Keras counting with patience 0 would need torch patience -1")
-    return torch.optim.lr_scheduler.ReduceLROnPlateau(
-        optimizer,
-        mode="min",
-        factor=knobs.plateau_factor,
-        patience=patience,
-        threshold=knobs.plateau_min_delta,
-        threshold_mode=knobs.plateau_threshold_mode,
-        cooldown=max(knobs.plateau_cooldown - 1, 0),
-        min_lr=0.0,
-        eps=0.0,
-    )
 
 
 def freeze_all_but_head(net: torch.nn.Module) -> None:
@@ -128,7 +106,7 @@ def fit(adapter, model: Model, data: Dataset, config: TrainConfig, run_dir: Path
     if config.freeze_all_but_head:
         freeze_all_but_head(net)
     optimizer = adapter.make_optimizer(model, config.learning_rate)
-    scheduler = make_scheduler(optimizer, knobs)
+    scheduler = make_plateau_scheduler(optimizer, knobs)
     state = new_history_state(config)
     start = 0
     resumed = latest_epoch(run_dir)
