@@ -1,13 +1,14 @@
 """The numerical stages of triangulation, in pipeline order.
 
-Every stage runs each framework on identical inputs: the same uint8 batch (stage 1), the
-same model input and the same canonical weights (stages 2-8), the same scripted
-validation losses (stage 9). A stage returns named tensors in pipeline order; the
+Every stage runs each framework on identical inputs: the same uint8 batch
+(preprocessing), the same model input and the same canonical weights (gabor-bank to
+trajectory), the same scripted validation losses (lr-schedule). A stage returns named tensors in pipeline order; the
 harness compares them pairwise. `reads` names the knobs a stage's computation depends
 on: attribution moves only those, and outputs are cached by them.
 
-Tolerances are set above float32 round-off measured under the `aligned` preset (see
-README, "Tolerances") and well below the smallest planted fault the self-test checks.
+Tolerances are set above float32 round-off measured under the `aligned` preset and well
+below the smallest planted fault the self-test checks; each carries its reason, which every
+report.md lists under "Tolerances and why" (README: "How the stages stay honest").
 """
 
 from __future__ import annotations
