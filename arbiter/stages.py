@@ -70,7 +70,6 @@ class Stage:
     reads: tuple[str, ...]
     tolerance: Tolerance
     compute: Callable  # (adapter, model_factory, knobs, probe) -> dict[str, np.ndarray]
-    uses_model: bool = True
 
 
 def _preprocessing(adapter, new_model, knobs, probe):
@@ -180,7 +179,6 @@ STAGES: tuple[Stage, ...] = (
         PIPELINE_KNOBS,
         Tolerance(1e-6, 0.0, "float32 x/255 and a 3-term weighted sum: a few ulp of 1.0 (ulp 1.2e-7)"),
         _preprocessing,
-        uses_model=False,
     ),
     Stage(
         "gabor-bank",
@@ -244,7 +242,6 @@ STAGES: tuple[Stage, ...] = (
         PLATEAU_KNOBS,
         Tolerance(0.0, 1e-6, "learning rates are products of the factor; optax keeps its scale in float32"),
         _schedule,
-        uses_model=False,
     ),
 )
 

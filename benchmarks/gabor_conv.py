@@ -43,6 +43,7 @@ import common  # noqa: E402
 from arbiter.gabor import gabor_bank  # noqa: E402
 from arbiter.padding import conv_padding  # noqa: E402
 from arbiter.spec import GaborSpec  # noqa: E402
+from impls.base import DEVICES  # noqa: E402
 
 # float32 accumulation of 49 taps of inputs in [0, 1] against unit-L2 kernels: outputs are
 # O(1) and the measured error is ~1e-6; 1e-4 leaves room for FFT and reordered sums while
@@ -1024,7 +1025,7 @@ def parse_args(argv=None):
     ap.add_argument("--image-batch", type=int, default=IMAGE_SWEEP_BATCH, help="batch size of the image-size sweep")
     ap.add_argument("--grid", action="store_true", help="every combination instead of three sweeps through batch 256/32/28")
     ap.add_argument("--frameworks", nargs="+", default=list(SECTIONS), choices=list(SECTIONS))
-    ap.add_argument("--device", choices=("auto", "cpu", "gpu"), default="auto")
+    ap.add_argument("--device", choices=DEVICES, default="auto")
     ap.add_argument("--repeats", type=int, default=7, help="samples per formulation per point per round")
     ap.add_argument("--rounds", type=int, default=1,
                     help="run every worker this many times (fresh processes, alternating order) and pool the samples")

@@ -27,7 +27,7 @@ from arbiter.frameworks import load_adapter  # noqa: E402
 from arbiter.knobs import PRESETS  # noqa: E402
 from arbiter.spec import ModelSpec  # noqa: E402
 from arbiter.weights import probe_weights  # noqa: E402
-from impls.base import FrameworkUnavailable  # noqa: E402
+from impls.base import DEVICES, FrameworkUnavailable  # noqa: E402
 
 
 def step_timer(adapter, batch: int, seed: int = 0) -> common.Timer:
@@ -46,7 +46,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batch-sizes", default="1,64,256,1024")
     parser.add_argument("--frameworks", default="tf,torch,flax")
-    parser.add_argument("--device", choices=("auto", "cpu", "gpu"), default="auto")
+    parser.add_argument("--device", choices=DEVICES, default="auto")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/train_step"))
     parser.add_argument("--quick", action="store_true", help="batch sizes 1 and 8, 2 repeats (smoke test)")

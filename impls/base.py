@@ -29,6 +29,9 @@ from arbiter.knobs import Knobs
 from arbiter.spec import ModelSpec
 
 
+DEVICES = ("auto", "cpu", "gpu")
+
+
 class FrameworkUnavailable(RuntimeError):
     """The framework is not installed or cannot start (the message says why)."""
 
@@ -65,6 +68,8 @@ class Adapter(abc.ABC):
         """device: 'auto' (the accelerator when present, else CPU), 'cpu' or 'gpu'.
         Raises DeviceUnavailable for 'gpu' when there is none. Switches off TF32 and
         other reduced-precision float32 paths on devices that have them."""
+        if device not in DEVICES:
+            raise ValueError(f"device must be one of {', '.join(DEVICES)}, got {device!r}")
         self.requested_device = device
 
     # -- environment ------------------------------------------------------------------

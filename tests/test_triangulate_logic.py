@@ -40,7 +40,7 @@ def test_two_frameworks_cannot_have_a_majority():
 
 
 def _stage(fn, reads):
-    return Stage("toy", "toy", reads, TOL, lambda adapter, new_model, knobs, probe: fn(knobs), uses_model=False)
+    return Stage("toy", "toy", reads, TOL, lambda adapter, new_model, knobs, probe: fn(knobs))
 
 
 def _tri(stage, knobs):

@@ -11,7 +11,7 @@ from rich.table import Table
 from arbiter.frameworks import FRAMEWORKS, load_adapter
 from arbiter.knobs import NATIVE_PRESET, preset
 from arbiter.spec import ModelSpec, trainable_parameter_count
-from impls.base import FrameworkUnavailable
+from impls.base import DEVICES, FrameworkUnavailable
 
 NAME = "info"
 HELP = "frameworks available here, versions, devices, parameter counts"
@@ -22,7 +22,7 @@ framework counts it (it must equal the spec's count in all three)."""
 
 
 def add_arguments(parser):
-    parser.add_argument("--device", choices=("auto", "cpu", "gpu"), default="auto", help="device to use (default: the accelerator if present)")
+    parser.add_argument("--device", choices=DEVICES, default="auto", help="device to use (default: the accelerator if present)")
     parser.add_argument("--json", action="store_true", help="print JSON")
 
 

@@ -13,6 +13,7 @@ from arbiter.knobs import preset
 from arbiter.selftest import check_no_false_alarm, check_plant, plants
 from arbiter.session import load_adapters, make_probe, parse_frameworks, reference_framework, spec_for
 from arbiter.triangulate import Triangulator
+from impls.base import DEVICES
 
 NAME = "selftest"
 HELP = "plant known faults (each knob flipped in each framework, and pairs of faults) and check the verdicts"
@@ -32,7 +33,7 @@ def add_arguments(parser):
     parser.add_argument("--quick", action="store_true", help="a representative subset of knobs (CI)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--steps", type=int, default=5, help="trajectory length (default 5: the plants show by then)")
-    parser.add_argument("--device", choices=("auto", "cpu", "gpu"), default="auto")
+    parser.add_argument("--device", choices=DEVICES, default="auto")
     parser.add_argument("--json", action="store_true", help="print the results as JSON")
 
 

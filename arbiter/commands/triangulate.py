@@ -14,6 +14,7 @@ from arbiter.compare import AGREE
 from arbiter.session import PRESET_CHOICES, knobs_for, load_adapters, make_probe, parse_frameworks, reference_framework, spec_for
 from arbiter.stages import STAGES
 from arbiter.triangulate import Triangulator, summarize
+from impls.base import DEVICES
 
 NAME = "triangulate"
 HELP = "run the three frameworks stage by stage on identical inputs and weights; name who deviates and why"
@@ -55,7 +56,7 @@ def add_arguments(parser):
     parser.add_argument("--steps", type=int, default=20, help="trajectory length K (default 20)")
     parser.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate for the step stages (default 1e-3)")
     parser.add_argument("--stages", default=None, help="comma-separated subset of stages (default: all)")
-    parser.add_argument("--device", choices=("auto", "cpu", "gpu"), default="auto", help="device (default: accelerator if present)")
+    parser.add_argument("--device", choices=DEVICES, default="auto", help="device (default: accelerator if present)")
     parser.add_argument("--out", type=Path, default=None, help="output folder (default: runs/triangulate-<timestamp>)")
     parser.add_argument("--fail-on-deviation", action="store_true", help="exit 1 if any stage does not agree")
     parser.add_argument("--train", action="store_true",

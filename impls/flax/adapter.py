@@ -233,12 +233,10 @@ class Adapter(base.Adapter):
             return jax.devices()[0]
         if device == "cpu":
             return jax.devices("cpu")[0]
-        if device == "gpu":
-            try:
-                return jax.devices("gpu")[0]
-            except RuntimeError:
-                raise base.DeviceUnavailable("flax: --device gpu asked for, but JAX sees no GPU") from None
-        raise ValueError(f"device must be 'auto', 'cpu' or 'gpu', got {device!r}")
+        try:  # 'gpu' (base.Adapter has checked the name)
+            return jax.devices("gpu")[0]
+        except RuntimeError:
+            raise base.DeviceUnavailable("flax: --device gpu asked for, but JAX sees no GPU") from None
 
     def _on_device(self):
         return jax.default_device(self.device)

@@ -44,8 +44,6 @@ class Adapter(base.Adapter):
 
     def __init__(self, device: str = "auto"):
         super().__init__(device)
-        if device not in ("auto", "cpu", "gpu"):
-            raise ValueError(f"device must be 'auto', 'cpu' or 'gpu', got {device!r}")
         gpus = tf.config.list_physical_devices("GPU")
         if device == "gpu" and not gpus:
             raise base.DeviceUnavailable("TensorFlow sees no GPU (tf.config.list_physical_devices('GPU') is empty)")

@@ -42,8 +42,6 @@ class Adapter(base.Adapter):
 
     def __init__(self, device: str = "auto"):
         super().__init__(device)
-        if device not in ("auto", "cpu", "gpu"):
-            raise ValueError(f"device must be 'auto', 'cpu' or 'gpu', got {device!r}")
         has_cuda = torch.cuda.is_available()
         if device == "gpu" and not has_cuda:
             raise base.DeviceUnavailable("PyTorch sees no CUDA device (torch.cuda.is_available() is False)")
